@@ -8,9 +8,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from scan_ingest.scan_client import item_migration_id
 from scan_ingest.timestamps import parse_us
+
 from tests.conftest import DAGS
 
 

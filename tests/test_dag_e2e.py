@@ -6,8 +6,8 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from scan_ingest.timestamps import from_datetime
+
 from tests.helpers import blobs, expected_items, read_table, run_dag
 
 

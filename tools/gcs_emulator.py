@@ -43,7 +43,7 @@ class GcsEmulator:
 
     def start(self, *, timeout: float = 20.0) -> str:
         os.makedirs(self.root, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        log = open(self.log_path, "ab")
         self._proc = subprocess.Popen(
             [str(binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root", self.root,
              "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url, "-log-level", "warn"],
