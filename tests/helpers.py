@@ -54,3 +54,65 @@ def expected_items(ledger: Any, start_us: int, end_us: int, migration: int | Non
         if start_us < rt <= end_us and migration in (None, item_migration_id(item)):
             out.append(item)
     return out
+
+
+def run_dag_marking(dag_id: str, *, conf: dict[str, Any], mark_success: str) -> Any:
+    """dag.test() with the tasks matching ``mark_success`` marked successful without running."""
+    return load_dag(dag_id).test(run_conf=conf, mark_success_pattern=mark_success)
+
+
+def clear_and_resume(dag_id: str, run_id: str, task_ids: list[str], *, timeout_s: float = 300.0) -> Any:
+    """Clear tasks of an existing run (as the UI's "Clear" does) and drive the run to its end.
+
+    Uses Airflow's own ``clear_task_instances`` and the same in-process loop as dag.test(), so the
+    cleared tasks run again through the real task runner with their XComs and dependencies.
+    """
+    import time as _time
+
+    from airflow import settings
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import clear_task_instances
+    from airflow.sdk import timezone
+    from airflow.sdk.definitions.dag import _run_task
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    dag = load_dag(dag_id)
+    scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+    session = settings.Session()
+    dr = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
+    tis = [ti for ti in dr.get_task_instances(session=session) if ti.task_id in task_ids]
+    assert tis, f"no task instances {task_ids} in {run_id}"
+    clear_task_instances(tis, session, dag_run_state=DagRunState.RUNNING)
+    dr.state = DagRunState.RUNNING
+    session.commit()
+    dr.dag = scheduler_dag
+    deadline = _time.monotonic() + timeout_s
+    while dr.state == DagRunState.RUNNING:
+        assert _time.monotonic() < deadline, "run did not finish in time"
+        session.expire_all()
+        schedulable, _ = dr.update_state(session=session)
+        for ti in schedulable:
+            if ti.state != TaskInstanceState.UP_FOR_RESCHEDULE:
+                ti.try_number += 1
+            ti.state = TaskInstanceState.SCHEDULED
+            ti.scheduled_dttm = timezone.utcnow()
+        session.commit()
+        scheduled = [ti for ti in dr.get_task_instances(session=session) if ti.state == TaskInstanceState.SCHEDULED]
+        if not scheduled:
+            _time.sleep(0.5)  # waiting for a retry delay, exactly as dag.test() does
+        for ti in scheduled:
+            try:
+                _run_task(ti=ti, task=dag.task_dict[ti.task_id], run_triggerer=True)
+            except Exception:  # noqa: BLE001 - the task's state records the failure, as in dag.test()
+                pass
+    return dr
+
+
+def task_states(dag_id: str, run_id: str) -> dict[tuple[str, int], str]:
+    from airflow import settings
+    from airflow.models.taskinstance import TaskInstance
+
+    session = settings.Session()
+    rows = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id).all()
+    return {(ti.task_id, ti.map_index): str(ti.state) for ti in rows}

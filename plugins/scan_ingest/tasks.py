@@ -297,6 +297,44 @@ def commit_files(verified: Any, context: Any) -> dict[str, Any]:
     return {"manifest": manifest["interval"], "totals": totals}
 
 
+# -- repair ---------------------------------------------------------------------------------------
+def repair_list(context: Any) -> list[str]:
+    from scan_ingest.repair import find_unverified
+
+    settings = load_settings()
+    params = context.get("params") or {}
+    found = find_unverified(
+        settings.staging_dir,
+        min_age_s=float(params.get("min_age_minutes", 30)) * 60,
+        limit=int(params.get("limit", 500)),
+    )
+    log.info("%d staged file(s) to repair in %s", len(found), settings.staging_dir)
+    return found
+
+
+def repair_staged_file(sidecar: str) -> dict[str, Any]:
+    from scan_ingest.gcs import get_hook
+    from scan_ingest.repair import repair_one
+
+    settings = load_settings()
+    return repair_one(get_hook(settings.gcp_conn_id), sidecar, num_max_attempts=settings.upload_attempts)
+
+
+def repair_report(listed: list[str], repaired: Any) -> dict[str, Any]:
+    from scan_ingest.exceptions import VerificationError
+    from scan_ingest.repair import summarise
+
+    summary = summarise(list(listed or []), [r for r in (repaired or []) if r])
+    log.info("repaired %d of %d staged file(s) (%d bytes)", len(summary["repaired"]), summary["listed"], summary["bytes"])
+    for uri in summary["repaired"]:
+        log.info("  repaired: %s", uri)
+    for path in summary["still_failing"]:
+        log.error("  still failing (kept on disk): %s", path)
+    if summary["still_failing"]:
+        raise VerificationError(f"{len(summary['still_failing'])} staged file(s) could not be repaired; see the repair task logs")
+    return summary
+
+
 def task_kwargs(stage: str, pool: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Common task arguments: retries with exponential backoff, priority, pool.
 
@@ -324,6 +362,9 @@ __all__ = [
     "FetchWriteOperator",
     "commit_files",
     "plan_interval",
+    "repair_list",
+    "repair_report",
+    "repair_staged_file",
     "scan_has_passed",
     "task",
     "task_kwargs",
