@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,12 +46,42 @@ class IngestCancelledError(Exception):
     """Raised inside a running fetch when the task is being killed (``on_kill``)."""
 
 
+_NUMBER_START = frozenset(b":[, \n\r\t")
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_RUN = b"0" * 19
+_NOT_ZERO = re.compile(rb"[^0]")
+
+
+def _may_hold_big_int(content: bytes) -> bool:
+    """A JSON number of 20+ digits, or a negative one of 19+, may be in the body (not a digit run
+    inside a string such as a contract id): beyond 64 bits orjson would make it a float.
+
+    Why this shape: a regex over a 19 MB page cost more than decoding it. Digits are mapped to
+    ``0`` (``bytes.translate``) and 19-digit runs found by C substring search; only those runs,
+    rare in practice, are looked at in Python.
+    """
+    if len(content) < 19:
+        return False
+    zeros = content.translate(_DIGITS_AS_ZERO)
+    start = zeros.find(_RUN)
+    while start >= 0:  # ``find`` returns a run's first digit, as it scans from the left
+        end_match = _NOT_ZERO.search(zeros, start + 19)
+        end = end_match.start() if end_match else len(zeros)
+        before = content[start - 1] if start else None
+        if before is None or before in _NUMBER_START:
+            if end - start >= 20:
+                return True
+        elif before == 0x2D and (start < 2 or content[start - 2] in _NUMBER_START):  # "-" starting a number
+            return True
+        start = zeros.find(_RUN, end)
+    return False
+
+
 def decode_json(content: bytes) -> Any:
-    """orjson for speed; the stdlib only for what orjson refuses (integers beyond 64 bits)."""
-    try:
-        return orjson.loads(content)
-    except orjson.JSONDecodeError:
+    """orjson for speed; the stdlib where a number may exceed 64 bits (orjson would make it a float)."""
+    if _may_hold_big_int(content):
         return json.loads(content)
+    return orjson.loads(content)
 
 
 def item_migration_id(item: dict[str, Any]) -> int:
@@ -109,8 +140,9 @@ class ScanClient:
     another thread; waits end at once and the next request raises ``IngestCancelledError``.
     """
 
-    def __init__(self, config: ScanConnectionConfig) -> None:
+    def __init__(self, config: ScanConnectionConfig, *, daml_value_encoding: str | None = None) -> None:
         self.config = config
+        self.daml_value_encoding = daml_value_encoding
         self._verify = requests_verify(config.ca_bundle)
         self._last_page_size = config.page_size
         self._url_index = 0
@@ -318,6 +350,8 @@ class ScanClient:
             return {**body, "page_size": state["size"]}
 
         body: dict[str, Any] = {"page_size": page_size}
+        if self.daml_value_encoding:
+            body["daml_value_encoding"] = self.daml_value_encoding
         if after is not None:
             body["after"] = {"after_migration_id": after[0], "after_record_time": after[1]}
         data = self.request_json("POST", "/v2/updates", body, on_timeout=adapt)

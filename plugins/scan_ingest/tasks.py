@@ -189,6 +189,7 @@ class FetchWriteOperator(BaseOperator):
         from scan_ingest.ranges import Cell
         from scan_ingest.scan_client import ScanClient
         from scan_ingest.staging import staging_usage
+        from scan_ingest.timestamps import from_datetime
 
         settings = load_settings()
         usage = staging_usage(settings.staging_dir)
@@ -201,14 +202,14 @@ class FetchWriteOperator(BaseOperator):
             raise AirflowRescheduleException(reschedule_date=datetime.now(UTC) + self.backpressure_wait)
         cell = Cell.from_dict(self.cell)
         started = datetime.now(UTC)
-        self._client = ScanClient(scan_config(settings.scan_conn_id))
+        self._client = ScanClient(scan_config(settings.scan_conn_id), daml_value_encoding=settings.daml_value_encoding)
         self._executing = True
         try:
             result = ingest_cell(
                 self._client,
                 cell,
                 settings,
-                ingested_at_us=int(started.timestamp() * 1_000_000),
+                ingested_at_us=from_datetime(started),
                 checkpoint=_TaskStateCheckpoint(context),
                 cancelled=self._cancelled,
                 page_size=self.page_size,
