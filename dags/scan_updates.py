@@ -9,8 +9,10 @@ every migration with records there:
    still add to it.
 2. **plan**: discovers migrations and cuts the interval into cursor ranges ("cells") on the
    `scan_ingest_range_minutes` grid.
-3. **fetch_write** (mapped over cells, pool `parquet_writer`): pages `/v2/updates` and stages Parquet.
-4. **upload** (mapped, pool `gcs_upload`) with GCSHook, then **verify** (mapped) the MD5 of every object.
+3. **cell.fetch_write** (a task group mapped over cells, pool `parquet_writer`): pages
+   `/v2/updates` and stages Parquet;
+4. **cell.upload** (pool `gcs_upload`) with GCSHook, then **cell.verify** the MD5 of every object —
+   per cell, as soon as that cell is written.
 5. **commit**: data-quality checks, removal of objects of earlier attempts, the interval manifest
    and Asset events for `canton_scan_updates` / `canton_scan_events`.
 
@@ -25,7 +27,7 @@ import os
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow.sdk import DAG, CronDataIntervalTimetable, Param, get_current_context, task
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param, get_current_context, task, task_group
 from scan_ingest.tasks import (
     EVENTS_ASSET,
     UPDATES_ASSET,
@@ -48,6 +50,7 @@ START_DATE = datetime.fromisoformat(os.environ.get("SCAN_INGEST_START_DATE", "20
 CATCHUP = os.environ.get("SCAN_INGEST_CATCHUP", "false") == "true"
 MAX_ACTIVE_RUNS = int(os.environ.get("SCAN_INGEST_MAX_ACTIVE_RUNS", "4"))
 MAX_WRITES_PER_RUN = int(os.environ.get("SCAN_INGEST_MAX_WRITES_PER_RUN", "4"))
+BACKPRESSURE_WAIT = timedelta(seconds=float(os.environ.get("SCAN_INGEST_BACKPRESSURE_WAIT_SECONDS", "20")))
 
 with DAG(
     dag_id="scan_updates",
@@ -81,13 +84,6 @@ with DAG(
 
     planned = plan()
 
-    written = FetchWriteOperator.partial(
-        task_id="fetch_write",
-        max_active_tis_per_dagrun=MAX_WRITES_PER_RUN,
-        execution_timeout=timedelta(hours=2),
-        **task_kwargs("fetch_write", pool="parquet_writer"),
-    ).expand(cell=planned)
-
     @task(task_id="upload", **task_kwargs("upload", pool="gcs_upload"))
     def upload(result: dict[str, Any]) -> dict[str, Any]:
         return upload_files(result)
@@ -96,11 +92,25 @@ with DAG(
     def verify(result: dict[str, Any]) -> dict[str, Any]:
         return verify_files(result)
 
+    # A mapped task group: upload[i] and verify[i] follow fetch_write[i] as soon as it is done, so
+    # staged files are delivered while other cells are still being written (backpressure needs it).
+    @task_group(group_id="cell")
+    def ingest_cell(cell: dict[str, Any]) -> Any:
+        written = FetchWriteOperator(
+            task_id="fetch_write",
+            cell=cell,
+            max_active_tis_per_dagrun=MAX_WRITES_PER_RUN,
+            execution_timeout=timedelta(hours=2),
+            backpressure_wait=BACKPRESSURE_WAIT,
+            **task_kwargs("fetch_write", pool="parquet_writer"),
+        )
+        return verify(upload(written.output))
+
     # none_failed: an interval without records (skipped mapped tasks) still gets its manifest.
     @task(task_id="commit", outlets=[UPDATES_ASSET, EVENTS_ASSET], trigger_rule="none_failed", **task_kwargs("commit"))
     def commit(verified: list[dict[str, Any]]) -> dict[str, Any]:
         return commit_files(verified, get_current_context())
 
-    verified = verify.expand(result=upload.expand(result=written.output))
+    verified = ingest_cell.expand(cell=planned)
     wait_for_scan() >> planned
     commit(verified)

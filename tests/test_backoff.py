@@ -86,7 +86,7 @@ def test_cancel_from_another_thread_ends_the_wait(scan: ObservedSimulator) -> No
 def test_dag_io_tasks_retry_with_exponential_backoff_and_the_policy() -> None:
     dag = load_dag("scan_updates")
     # The tasks that talk to the Scan or to GCS.
-    io_tasks = {"wait_for_scan", "plan", "fetch_write", "upload", "verify", "commit"}
+    io_tasks = {"wait_for_scan", "plan", "cell.fetch_write", "cell.upload", "cell.verify", "commit"}
     assert io_tasks <= set(dag.task_ids)
     for task in (dag.get_task(t) for t in sorted(io_tasks)):
         assert task.retries > 0, task.task_id

@@ -84,23 +84,23 @@ def test_clearing_failed_verify_and_upload_tasks_recovers(ingest_env, ledger, gc
     """Verify catches an object replaced after upload; clearing upload (with downstream) repairs it."""
     prefix = ingest_env["AIRFLOW_VAR_SCAN_INGEST_PREFIX"]
     staging = ingest_env["AIRFLOW_VAR_SCAN_INGEST_STAGING_DIR"]
-    dr = run_dag_marking("scan_updates", conf=CONF, mark_success="verify|commit")
+    dr = run_dag_marking("scan_updates", conf=CONF, mark_success=r"cell\.verify|commit")
     assert dr.state == "success"
     names = sorted(n for n in blobs(gcs_client, bucket, prefix) if n.endswith(".parquet"))
     assert names and staging_usage(staging).files == len(names)
     victim = gcs_client.bucket(bucket).blob(names[0])
     victim.upload_from_string(b"corrupted in the bucket")
 
-    dr = clear_and_resume("scan_updates", dr.run_id, ["verify", "commit"])
+    dr = clear_and_resume("scan_updates", dr.run_id, ["cell.verify", "commit"])
     assert dr.state == "failed"
     states = task_states("scan_updates", dr.run_id)
-    assert "failed" in {s for (t, _), s in states.items() if t == "verify"}
+    assert "failed" in {s for (t, _), s in states.items() if t == "cell.verify"}
     assert states[("commit", -1)] in ("upstream_failed", "failed")
     assert names[0] not in blobs(gcs_client, bucket, prefix)  # the bad object was deleted
     assert staging_usage(staging).files > 0  # local copies kept for the retry
     assert not [n for n in blobs(gcs_client, bucket, prefix) if "_manifests" in n]
 
-    dr = clear_and_resume("scan_updates", dr.run_id, ["upload", "verify", "commit"])
+    dr = clear_and_resume("scan_updates", dr.run_id, ["cell.upload", "cell.verify", "commit"])
     assert dr.state == "success"
     assert staging_usage(staging).files == 0
     assert [n for n in blobs(gcs_client, bucket, prefix) if "_manifests" in n]
@@ -108,7 +108,7 @@ def test_clearing_failed_verify_and_upload_tasks_recovers(ingest_env, ledger, gc
     assert len(ids) == len(set(ids)) > 0
 
     # Clearing verify alone afterwards only re-checks the objects and succeeds.
-    dr = clear_and_resume("scan_updates", dr.run_id, ["verify", "commit"])
+    dr = clear_and_resume("scan_updates", dr.run_id, ["cell.verify", "commit"])
     assert dr.state == "success"
 
 

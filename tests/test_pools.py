@@ -85,8 +85,8 @@ def test_pools_bound_concurrency_and_slots_are_reused(airflow, ledger, gcs_clien
     airflow.trigger("scan_updates", "pools_run", conf)
     assert airflow.wait_for_run("scan_updates", "pools_run", timeout=600) == "success"
 
-    writes = _intervals(airflow, "pools_run", ("fetch_write",))
-    deliveries = _intervals(airflow, "pools_run", ("upload", "verify"))
+    writes = _intervals(airflow, "pools_run", ("cell.fetch_write",))
+    deliveries = _intervals(airflow, "pools_run", ("cell.upload", "cell.verify"))
     assert len(writes) > POOLS["parquet_writer"] * 2, "more mapped writes than slots, so slots were reused"
     assert _max_overlap(writes) <= POOLS["parquet_writer"]
     assert _max_overlap(deliveries) <= POOLS["gcs_upload"]
@@ -105,7 +105,7 @@ def test_failing_task_retries_back_off_exponentially(airflow, sim, gcs_client, b
     conf = {"start": "2025-03-01T22:00:00Z", "end": "2025-03-01T22:30:00Z", "migration_id": 0}
     airflow.trigger("scan_updates", "retry_run", conf)
     airflow.wait_for(
-        lambda: bool(airflow.query("SELECT 1 FROM task_instance WHERE run_id='retry_run' AND task_id='fetch_write' "
+        lambda: bool(airflow.query("SELECT 1 FROM task_instance WHERE run_id='retry_run' AND task_id='cell.fetch_write' "
                                    "AND try_number >= 3")),
         timeout=300, what="a third try of fetch_write")
     sim.set_faults(None)
@@ -113,9 +113,9 @@ def test_failing_task_retries_back_off_exponentially(airflow, sim, gcs_client, b
 
     rows = airflow.query(
         "SELECT map_index, try_number, start_date, end_date FROM task_instance_history "
-        "WHERE run_id='retry_run' AND task_id='fetch_write' ORDER BY map_index, try_number")
+        "WHERE run_id='retry_run' AND task_id='cell.fetch_write' ORDER BY map_index, try_number")
     current = airflow.query("SELECT map_index, try_number, start_date FROM task_instance "
-                            "WHERE run_id='retry_run' AND task_id='fetch_write'")
+                            "WHERE run_id='retry_run' AND task_id='cell.fetch_write'")
     tries: dict[int, dict[int, tuple[float, float | None]]] = {}
     for r in rows:
         tries.setdefault(r["map_index"], {})[r["try_number"]] = (_ts(r["start_date"]), _ts(r["end_date"]))

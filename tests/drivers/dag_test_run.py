@@ -29,7 +29,7 @@ def main() -> None:
     session = settings.Session()
     tries = []
     for model in (TaskInstanceHistory, TaskInstance):
-        for ti in session.query(model).filter(model.run_id == dr.run_id, model.task_id == "fetch_write"):
+        for ti in session.query(model).filter(model.run_id == dr.run_id, model.task_id == "cell.fetch_write"):
             tries.append({"map_index": ti.map_index, "try_number": ti.try_number, "state": str(ti.state),
                           "end": ti.end_date.timestamp() if ti.end_date else None})
     Path(result_path).write_text(json.dumps({"state": str(dr.state), "run_id": dr.run_id, "tries": tries}))
