@@ -24,7 +24,8 @@ from scan_ingest.tasks import repair_list, repair_report, repair_staged_file, ta
 
 with DAG(
     dag_id="scan_upload_repair",
-    schedule=os.environ.get("SCAN_UPLOAD_REPAIR_SCHEDULE") or None,
+    schedule=None if os.environ.get("SCAN_UPLOAD_REPAIR_SCHEDULE", "").lower() in ("", "none")
+    else os.environ["SCAN_UPLOAD_REPAIR_SCHEDULE"],
     start_date=datetime(2024, 1, 1),
     catchup=False,
     max_active_runs=1,

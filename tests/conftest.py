@@ -6,6 +6,7 @@ time of the conftest, before any test module imports Airflow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -129,7 +130,9 @@ def sim(simulator: ScanSimulator) -> Iterator[ScanSimulator]:
 
 
 def _slug(nodeid: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", nodeid.split("::", 1)[-1]).strip("-")[:60]
+    """A short, unique, readable prefix per test (parametrized cases must not share one)."""
+    readable = re.sub(r"[^A-Za-z0-9]+", "-", nodeid.split("::", 1)[-1]).strip("-")[:48]
+    return f"{readable}-{hashlib.sha1(nodeid.encode()).hexdigest()[:8]}"
 
 
 @pytest.fixture

@@ -115,6 +115,14 @@ def plan_interval(context: Any) -> list[dict[str, Any]]:
         raise ConfigError(f"Param migration_id={mig_filter} is not a migration of this Scan (known: {known})")
     selected = [(m.migration_id, m.min_us, m.max_us) for m in migrations if mig_filter in (None, m.migration_id)]
     cells = plan_cells(start_us, end_us, settings.range_us, selected)
+    from airflow.configuration import conf
+
+    max_map = conf.getint("core", "max_map_length", fallback=1024)
+    if len(cells) > max_map:
+        raise ConfigError(
+            f"the interval needs {len(cells)} cells, more than [core] max_map_length={max_map}: split it into "
+            "shorter manual runs (or raise scan_ingest_range_minutes)"
+        )
     log.info("interval (%s, %s]: %d cell(s) over migrations %s",
              format_us(start_us), format_us(end_us), len(cells), sorted({c.migration_id for c in cells}))
     context["ti"].xcom_push(
@@ -275,7 +283,8 @@ def commit_files(verified: Any, context: Any) -> dict[str, Any]:
         raise ConfigError("the plan task's interval is missing from XCom: clear the whole run, starting at plan")
     hook = get_hook(settings.gcp_conn_id)
     require_bucket(hook, settings.bucket)
-    results = list(verified or [])
+    # A mapped task group with a single instance hands over that instance's result, not a list.
+    results = [verified] if isinstance(verified, dict) else list(verified or [])
     manifest = commit_interval(
         hook,
         bucket=settings.bucket,
