@@ -7,6 +7,8 @@ everything else is the real DAG, Airflow's retry loop and fake-gcs-server.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from google.api_core.exceptions import ServiceUnavailable
 
@@ -17,7 +19,7 @@ CONF = {"start": "2025-03-01T22:00:00Z", "end": "2025-03-01T22:30:00Z", "migrati
 
 @pytest.fixture
 def flaky_upload(monkeypatch):
-    """First upload of each object fails transiently; ``mode["corrupt_retry"]`` corrupts retried uploads."""
+    """The first upload of each cell fails transiently; ``mode["corrupt_retry"]`` corrupts retried uploads."""
     from airflow.providers.google.cloud.hooks.gcs import GCSHook
 
     real_upload = GCSHook.upload
@@ -26,8 +28,9 @@ def flaky_upload(monkeypatch):
 
     def upload(self, bucket_name, object_name, filename=None, data=None, **kwargs):
         mode["calls"] += 1
-        if object_name.endswith(".parquet") and object_name not in seen:
-            seen.add(object_name)
+        cell = os.path.basename(object_name).rsplit("_p", 1)[0]  # the first upload of each cell fails
+        if object_name.endswith(".parquet") and cell not in seen:
+            seen.add(cell)
             raise ServiceUnavailable("injected: backend unavailable")
         if object_name.endswith(".parquet") and mode["corrupt_retry"]:
             with open(filename, "rb") as fh:

@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any
 
-from scan_ingest.exceptions import StagingError
+from scan_ingest.exceptions import StagingError, VerificationError
 from scan_ingest.gcs import check_object, upload_staged, verify_staged
 from scan_ingest.quality import check_cell_files
 from scan_ingest.ranges import Cell
@@ -64,7 +64,14 @@ def verify_cell(hook: Any, result: dict[str, Any]) -> dict[str, Any]:
         # Re-check of a cell verified before (its local copies are released): objects only.
         log.info("%s: local copies already released; re-checking the objects against the recorded hashes", cell)
         summary = summary_from_metadata(cell, files)
-    checks = [verify_staged(hook, f) for f in files]
+    checks, failures = [], []
+    for f in files:  # check every object, so every bad one is deleted, before failing
+        try:
+            checks.append(verify_staged(hook, f))
+        except VerificationError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise VerificationError(f"{cell}: {len(failures)} of {len(files)} object(s) failed verification: " + " | ".join(failures))
     for f in files:
         remove_staged(f)
     log.info("%s: %d object(s) verified (%s), local copies released", cell, len(checks),
