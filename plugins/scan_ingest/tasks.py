@@ -210,6 +210,7 @@ class FetchWriteOperator(BaseOperator):
             raise AirflowRescheduleException(reschedule_date=datetime.now(UTC) + self.backpressure_wait)
         cell = Cell.from_dict(self.cell)
         started = datetime.now(UTC)
+        self._cancelled = threading.Event()  # a fresh one per try: the operator object may be reused
         self._client = ScanClient(scan_config(settings.scan_conn_id), daml_value_encoding=settings.daml_value_encoding)
         self._executing = True
         try:
