@@ -63,8 +63,13 @@ class AirflowStandalone:
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def cli(self, *args: str, check: bool = True) -> str:
-        out = subprocess.run(["airflow", *args], env=self.env, capture_output=True, text=True, timeout=300)
+    def cli(self, *args: str, check: bool = True, attempts: int = 5) -> str:
+        for attempt in range(attempts):
+            out = subprocess.run(["airflow", *args], env=self.env, capture_output=True, text=True, timeout=300)
+            # SQLite allows one writer; a CLI write racing the scheduler may find it locked: try again.
+            if out.returncode == 0 or "database is locked" not in out.stderr or attempt + 1 == attempts:
+                break
+            time.sleep(2 * (attempt + 1))
         if check and out.returncode != 0:
             raise RuntimeError(f"airflow {' '.join(args)} failed ({out.returncode}): {out.stderr[-2000:]}")
         return out.stdout

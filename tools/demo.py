@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,8 @@ def start_simulator(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def main() -> int:
+    # SIGTERM (e.g. from a CI timeout) must still run the clean-up below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     (REPO / ".demo").mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=REPO / ".demo"))
     ledger = Ledger(LEDGER)
@@ -113,8 +116,12 @@ def main() -> int:
         last_line = ""
         expected_runs = (to_day - from_day).days + 1
         while True:
-            runs = airflow.query("SELECT state, count(*) n FROM dag_run WHERE dag_id='scan_updates' GROUP BY state")
-            tis = airflow.query("SELECT state, count(*) n FROM task_instance WHERE dag_id='scan_updates' GROUP BY state")
+            # Only the backfill's runs: the scheduler also starts today's run, whose sensor waits for the live edge.
+            runs = airflow.query("SELECT state, count(*) n FROM dag_run WHERE dag_id='scan_updates' "
+                                 "AND run_type='backfill' GROUP BY state")
+            tis = airflow.query("SELECT ti.state, count(*) n FROM task_instance ti JOIN dag_run dr "
+                                "ON ti.dag_id=dr.dag_id AND ti.run_id=dr.run_id WHERE dr.dag_id='scan_updates' "
+                                "AND dr.run_type='backfill' GROUP BY ti.state")
             by_state = {r["state"]: r["n"] for r in runs}
             line = (f"runs {dict(sorted(by_state.items()))}; tasks "
                     + ", ".join(f"{r['state'] or 'pending'}={r['n']}" for r in tis))
