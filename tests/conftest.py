@@ -47,6 +47,7 @@ for p in (str(REPO), str(PLUGINS), str(DAGS)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from tests.sim_support import ObservedSimulator  # noqa: E402
 from tools.gcs_emulator import GcsEmulator  # noqa: E402
 from tools.scan_sim import Ledger, LedgerConfig  # noqa: E402
 from tools.scan_sim.server import ScanSimulator  # noqa: E402
@@ -155,3 +156,18 @@ def ingest_env(
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+@pytest.fixture(scope="module")
+def observed(ledger: Ledger) -> Iterator[ObservedSimulator]:
+    """A simulator of the module's ledger that records requests and limits injected faults."""
+    with ObservedSimulator(ledger) as s:
+        yield s
+
+
+@pytest.fixture
+def scan(observed: ObservedSimulator) -> Iterator[ObservedSimulator]:
+    """The module's simulator with a clean request log, restored after the test."""
+    observed.restore()
+    yield observed
+    observed.restore()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from airflow.sdk import RetryAction
@@ -23,19 +22,6 @@ from scan_ingest.scan_client import IngestCancelledError, ScanClient
 from tests.helpers import load_dag
 from tests.sim_support import ObservedSimulator, wait_until
 from tools.scan_sim import FaultConfig, Ledger
-
-
-@pytest.fixture(scope="module")
-def observed(ledger: Ledger) -> Iterator[ObservedSimulator]:
-    with ObservedSimulator(ledger) as s:
-        yield s
-
-
-@pytest.fixture
-def scan(observed: ObservedSimulator) -> Iterator[ObservedSimulator]:
-    observed.restore()
-    yield observed
-    observed.restore()
 
 
 def make_client(url: str) -> ScanClient:

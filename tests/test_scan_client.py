@@ -25,18 +25,6 @@ UPDATES = "/v2/updates"
 MIGRATION_INFO = "/v0/backfilling/migration-info"
 
 
-@pytest.fixture(scope="module")
-def observed(ledger: Ledger) -> Iterator[ObservedSimulator]:
-    with ObservedSimulator(ledger) as s:
-        yield s
-
-
-@pytest.fixture
-def scan(observed: ObservedSimulator) -> Iterator[ObservedSimulator]:
-    """The module's simulator with a clean request log, restored after the test."""
-    observed.restore()
-    yield observed
-    observed.restore()
 
 
 def make_client(*urls: str, **kwargs: Any) -> ScanClient:
