@@ -22,7 +22,6 @@ for _p in (str(REPO / "plugins"), str(REPO)):
     if _p in sys.path:
         sys.path.remove(_p)
     sys.path.insert(0, _p)
-sys.path.insert(0, str(REPO))
 
 
 def _peak_rss_mib() -> float:
@@ -49,32 +48,81 @@ class _Clock:
         self.cpu = time.process_time() - self._c
 
 
-# -- (1) decode limit ---------------------------------------------------------------------------
-def stage_decode(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Fetch every page of the range and ``orjson.loads`` it: the floor any ingestion stands on.
+def _updates_session() -> Any:
+    import requests
 
-    Same request body, page size, headers and one reused session as ``ScanClient``; the only
-    per-item work is finding the range end on the last page and counting events.
+    session = requests.Session()  # as ScanClient builds it: one session, reused for every page
+    session.headers.update({"Content-Type": "application/json", "Accept": "application/json"})
+    session.trust_env = False
+    return session
+
+
+# -- (0) the simulator alone --------------------------------------------------------------------
+def stage_sim_only(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Pages/s the simulator serves when the client does nothing but read the bytes.
+
+    The cursor for the next page is cut out of the body's last ``record_time`` (no JSON decoding),
+    so this is the rate of the simulator plus HTTP, the ceiling over the decode limit.
     """
     import orjson
-    import requests
     from scan_ingest.timestamps import format_us
 
     url = cfg["base_url"] + "/v2/updates"
     page_size = int(cfg["page_size"])
     mig = int(cfg["migration_id"])
+    end = format_us(int(cfg["end_us"])).encode()
+    session = _updates_session()
+    cursor = format_us(int(cfg["start_us"]))
+    pages = nbytes = 0
+    marker = b'"record_time":"'
+    with _Clock() as clock:
+        while True:
+            body = {"page_size": page_size, "after": {"after_migration_id": mig, "after_record_time": cursor}}
+            content = session.post(url, data=orjson.dumps(body), timeout=60).content
+            pages += 1
+            nbytes += len(content)
+            at = content.rfind(marker)
+            if at < 0:
+                break
+            last = content[at + len(marker): content.index(b'"', at + len(marker))]
+            # A reassignment's record_time precedes its event object, so the last marker in the
+            # body belongs to the last item; a short page or one past the end is the last page.
+            if last > end or content.count(b'"update_id":"') < page_size:
+                break
+            cursor = last.decode()
+    session.close()
+    return {"pages": pages, "json_bytes": nbytes, "wall_s": clock.wall, "cpu_s": clock.cpu,
+            "peak_rss_mib": _peak_rss_mib()}
+
+
+# -- (1) decode limit ---------------------------------------------------------------------------
+def stage_decode(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Fetch every page of the range and ``orjson.loads`` it: the floor any ingestion stands on.
+
+    Same request body, page size, headers and one reused session as ``ScanClient``; the only
+    per-item work is finding the range end on the last page and counting events. ``read``:
+    ``content`` is plain ``requests`` (``Response.content``, the definition of the limit);
+    ``single`` reads each body in one call as ``ScanClient`` does (``scan_client.read_body``).
+    """
+    import orjson
+    from scan_ingest.scan_client import read_body
+    from scan_ingest.timestamps import format_us
+
+    single = cfg.get("read", "content") == "single"
+
+    url = cfg["base_url"] + "/v2/updates"
+    page_size = int(cfg["page_size"])
+    mig = int(cfg["migration_id"])
     end = format_us(int(cfg["end_us"]))  # fixed-width strings: compare as text, no parsing
-    session = requests.Session()
-    session.headers.update({"Content-Type": "application/json", "Accept": "application/json"})
-    session.trust_env = False
+    session = _updates_session()
     cursor = format_us(int(cfg["start_us"]))
     updates = events = pages = nbytes = 0
     baseline = _current_rss_mib()
     with _Clock() as clock:
         while True:
             body = {"page_size": page_size, "after": {"after_migration_id": mig, "after_record_time": cursor}}
-            resp = session.post(url, data=orjson.dumps(body), timeout=60)
-            content = resp.content
+            resp = session.post(url, data=orjson.dumps(body), timeout=60, stream=single)
+            content = read_body(resp) if single else resp.content
             if resp.status_code != 200:
                 raise RuntimeError(f"HTTP {resp.status_code}: {content[:200]!r}")
             items = orjson.loads(content)["transactions"]
@@ -177,12 +225,27 @@ def stage_dag_test(cfg: dict[str, Any]) -> dict[str, Any]:
     if dr.state != "success":
         raise RuntimeError(f"dag.test() ended in state {dr.state}")
     return {
-        "state": str(dr.state), "setup_s": setup.wall,
+        "state": str(dr.state), "setup_s": setup.wall, "tasks_s": _task_seconds(dr),
         "wall_s": clock.wall, "cpu_s": clock.cpu, "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": baseline,
     }
 
 
+def _task_seconds(dr: Any) -> dict[str, float]:
+    """Seconds each task (summed over map indexes) of the run spent running, from the metadata DB."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    out: dict[str, float] = {}
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dr.dag_id, TaskInstance.run_id == dr.run_id)
+        for ti in tis:
+            if ti.start_date and ti.end_date:
+                out[ti.task_id] = out.get(ti.task_id, 0.0) + (ti.end_date - ti.start_date).total_seconds()
+    return out
+
+
 STAGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "sim_only": stage_sim_only,
     "decode": stage_decode,
     "core": stage_core,
     "compare": stage_compare,

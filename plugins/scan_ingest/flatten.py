@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import lru_cache
+from itertools import repeat
 from typing import Any
 
 import orjson
@@ -26,18 +28,28 @@ log = logging.getLogger(__name__)
 
 UPDATE_COLUMNS: tuple[str, ...] = tuple(UPDATES_SCHEMA.names)
 EVENT_COLUMNS: tuple[str, ...] = tuple(EVENTS_SCHEMA.names)
+# String columns whose values are the UTF-8 bytes of ``to_json`` (or None), never str.
+JSON_COLUMNS: frozenset[str] = frozenset({"update_data", "create_arguments", "choice_argument", "exercise_result"})
 
 
 def to_json(value: Any) -> bytes:
     """Compact JSON, key order preserved; the stdlib handles integers beyond 64 bits."""
     try:
-        return orjson.dumps(value)
+        out = orjson.dumps(value)
     except TypeError:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    # orjson returns its whole output buffer (4 KiB at least, more for larger documents) and never
+    # shrinks it: buffered for a row group, that slack was most of the writer's memory. Keep an
+    # exact-size copy instead (the buffer is freed at once and reused by the next call).
+    return memoryview(out).tobytes()
 
 
 class ColumnBuffer:
-    """Column-major rows of one table: a list per column, appended in lock-step."""
+    """Column-major rows of one table: a list per column, appended in lock-step.
+
+    The lists are cleared and cut in place, never replaced, so a ``Flattener`` may keep their
+    bound methods.
+    """
 
     __slots__ = ("columns", "names", "nbytes")
 
@@ -63,13 +75,18 @@ class ColumnBuffer:
         return out
 
 
+# Contract timestamps repeat a lot (the events of a transaction usually share one created_at);
+# parse_us is a pure function of the string, so a cache returns exactly what parsing would.
+_parse_us_cached = lru_cache(maxsize=8192)(parse_us)
+
+
 def _ts(value: Any, update_id: str, field: str, *, required: bool) -> int | None:
     if value is None:
         if required:
             raise DecodeError(f"update {update_id!r}: required field {field} is missing or null")
         return None
     try:
-        return parse_us(value)
+        return _parse_us_cached(value) if type(value) is str else parse_us(value)
     except TimestampError as exc:
         raise DecodeError(f"update {update_id!r}: field {field}: {exc}") from None
 
@@ -94,11 +111,12 @@ def event_preorder(update_id: str, root_ids: list[str], events_by_id: dict[str, 
     order: list[tuple[str, str | None]] = []
     seen: set[str] = set()
     stack: list[tuple[str, str | None]] = [(rid, None) for rid in reversed(root_ids)]
+    get = events_by_id.get
     while stack:
         eid, parent = stack.pop()
         if eid in seen:
             raise DecodeError(f"update {update_id!r}: event {eid!r} is reached twice in the event tree")
-        event = events_by_id.get(eid)
+        event = get(eid)
         if event is None:
             where = f"child of {parent!r}" if parent else "root_event_ids"
             raise DecodeError(f"update {update_id!r}: event {eid!r} ({where}) is not in events_by_id")
@@ -106,13 +124,24 @@ def event_preorder(update_id: str, root_ids: list[str], events_by_id: dict[str, 
         order.append((eid, parent))
         children = event.get("child_event_ids") if isinstance(event, dict) else None
         if children:
-            stack.extend((cid, eid) for cid in reversed(children))
+            stack.extend(zip(reversed(children), repeat(eid)))
     if len(seen) != len(events_by_id):
         orphans = [k for k in events_by_id if k not in seen]
         log.warning("update %s: %d event(s) not reachable from root_event_ids, appended after the tree: %s",
                     update_id, len(orphans), orphans[:5])
         order.extend((k, None) for k in orphans)
     return order
+
+
+# Event columns that differ between the events of one transaction, in the order of the row tuples
+# built in ``Flattener._transaction``; every other event column holds one value per transaction.
+_TX_EVENT_COLUMNS = (
+    "event_id", "parent_event_id", "event_type", "contract_id", "template_id", "package_name", "choice",
+    "interface_id", "consuming", "acting_parties", "child_event_ids", "signatories", "observers",
+    "create_arguments", "choice_argument", "exercise_result", "created_at",
+)
+_REASSIGNMENT_EVENT_COLUMNS = ("reassignment_kind", "reassignment_counter", "source_synchronizer",
+                               "target_synchronizer", "unassign_id", "submitter")
 
 
 class Flattener:
@@ -122,6 +151,10 @@ class Flattener:
         self.updates = updates
         self.events = events
         self.ingested_at_us = ingested_at_us
+        # Bound ``extend`` of each event column, looked up once (the hot loop runs per event).
+        ext = {name: col.extend for name, col in events.columns.items()}
+        self._tx_event_extends = tuple(ext[name] for name in _TX_EVENT_COLUMNS)
+        self._extend_event = ext
 
     def add(self, item: Any, migration_id: int, record_time_us: int) -> int:
         """Flatten one item (already checked for its migration and record time); returns its event count."""
@@ -151,6 +184,38 @@ class Flattener:
         order = event_preorder(update_id, roots, events_by_id)
         data = to_json(item)
 
+        # Every event is checked and turned into a row tuple before anything is appended, so a
+        # DecodeError leaves the buffers in lock-step; the checks run in the documented order.
+        rows: list[tuple[Any, ...]] = []
+        add_row = rows.append
+        nbytes = 0
+        for eid, parent in order:
+            ev = events_by_id[eid]
+            if not isinstance(ev, dict):
+                raise DecodeError(f"update {update_id!r}: event {eid!r} is not an object")
+            etype = ev.get("event_type")
+            cid = _req(ev, "contract_id", update_id, f"events_by_id[{eid}].")
+            tid = _req(ev, "template_id", update_id, f"events_by_id[{eid}].")
+            if etype == "created_event":
+                args = to_json(ev.get("create_arguments"))
+                nbytes += len(args)
+                created = _ts(ev.get("created_at"), update_id, f"events_by_id[{eid}].created_at", required=False)
+                sigs = _str_list(ev.get("signatories"), update_id, "signatories")
+                obs = _str_list(ev.get("observers"), update_id, "observers")
+                add_row((eid, parent, etype, cid, tid, ev.get("package_name"), None, None, None, None, None,
+                         sigs, obs, args, None, None, created))
+            elif etype == "exercised_event":
+                arg = to_json(ev.get("choice_argument"))
+                res = to_json(ev.get("exercise_result"))
+                nbytes += len(arg) + len(res)
+                choice = _req(ev, "choice", update_id, f"events_by_id[{eid}].")
+                acting = _str_list(ev.get("acting_parties"), update_id, "acting_parties")
+                children = _str_list(ev.get("child_event_ids"), update_id, "child_event_ids") or []
+                add_row((eid, parent, etype, cid, tid, ev.get("package_name"), choice, ev.get("interface_id"),
+                         ev.get("consuming"), acting, children, None, None, None, arg, res, None))
+            else:
+                raise DecodeError(f"update {update_id!r}: event {eid!r} has unknown event_type {etype!r}")
+
         u = self.updates.columns
         u["update_id"].append(update_id)
         u["update_type"].append("transaction")
@@ -169,62 +234,22 @@ class Flattener:
         u["ingested_at"].append(self.ingested_at_us)
         self.updates.nbytes += len(data)
 
-        e = self.events.columns
-        nbytes = 0
-        for index, (eid, parent) in enumerate(order):
-            ev = events_by_id[eid]
-            if not isinstance(ev, dict):
-                raise DecodeError(f"update {update_id!r}: event {eid!r} is not an object")
-            etype = ev.get("event_type")
-            e["update_id"].append(update_id)
-            e["event_id"].append(eid)
-            e["event_index"].append(index)
-            e["parent_event_id"].append(parent)
-            e["update_type"].append("transaction")
-            e["migration_id"].append(migration_id)
-            e["record_time"].append(rt)
-            e["effective_at"].append(eff)
-            e["synchronizer_id"].append(sync)
-            e["contract_id"].append(_req(ev, "contract_id", update_id, f"events_by_id[{eid}]."))
-            e["template_id"].append(_req(ev, "template_id", update_id, f"events_by_id[{eid}]."))
-            e["package_name"].append(ev.get("package_name"))
-            if etype == "created_event":
-                e["event_type"].append(etype)
-                args = to_json(ev.get("create_arguments"))
-                nbytes += len(args)
-                e["create_arguments"].append(args)
-                e["created_at"].append(_ts(ev.get("created_at"), update_id, f"events_by_id[{eid}].created_at", required=False))
-                e["signatories"].append(_str_list(ev.get("signatories"), update_id, "signatories"))
-                e["observers"].append(_str_list(ev.get("observers"), update_id, "observers"))
-                e["choice"].append(None)
-                e["interface_id"].append(None)
-                e["consuming"].append(None)
-                e["acting_parties"].append(None)
-                e["child_event_ids"].append(None)
-                e["choice_argument"].append(None)
-                e["exercise_result"].append(None)
-            elif etype == "exercised_event":
-                e["event_type"].append(etype)
-                arg = to_json(ev.get("choice_argument"))
-                res = to_json(ev.get("exercise_result"))
-                nbytes += len(arg) + len(res)
-                e["choice"].append(_req(ev, "choice", update_id, f"events_by_id[{eid}]."))
-                e["interface_id"].append(ev.get("interface_id"))
-                e["consuming"].append(ev.get("consuming"))
-                e["acting_parties"].append(_str_list(ev.get("acting_parties"), update_id, "acting_parties"))
-                e["child_event_ids"].append(_str_list(ev.get("child_event_ids"), update_id, "child_event_ids") or [])
-                e["choice_argument"].append(arg)
-                e["exercise_result"].append(res)
-                e["create_arguments"].append(None)
-                e["created_at"].append(None)
-                e["signatories"].append(None)
-                e["observers"].append(None)
-            else:
-                raise DecodeError(f"update {update_id!r}: event {eid!r} has unknown event_type {etype!r}")
-            for name in ("reassignment_kind", "reassignment_counter", "source_synchronizer",
-                         "target_synchronizer", "unassign_id", "submitter"):
-                e[name].append(None)
-            e["ingested_at"].append(self.ingested_at_us)
+        n = len(order)
+        if n:
+            # Column-wise: one C-level extend per column instead of an append per event and column.
+            for extend, values in zip(self._tx_event_extends, zip(*rows, strict=True), strict=True):
+                extend(values)
+            ext = self._extend_event
+            ext["event_index"](range(n))
+            ext["update_id"](repeat(update_id, n))
+            ext["update_type"](repeat("transaction", n))
+            ext["migration_id"](repeat(migration_id, n))
+            ext["record_time"](repeat(rt, n))
+            ext["effective_at"](repeat(eff, n))
+            ext["synchronizer_id"](repeat(sync, n))
+            for name in _REASSIGNMENT_EVENT_COLUMNS:
+                ext[name](repeat(None, n))
+            ext["ingested_at"](repeat(self.ingested_at_us, n))
         self.events.nbytes += nbytes
         return len(order)
 
