@@ -9,7 +9,6 @@ nor threads.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +36,6 @@ LEDGER = LedgerConfig(seed=23, start="2025-03-01T00:00:00.5Z", updates_per_migra
 @pytest.fixture(scope="module")
 def ledger() -> Ledger:
     return Ledger(LEDGER)
-
-
-@pytest.fixture(scope="module")
-def observed(ledger: Ledger) -> Iterator[ObservedSimulator]:
-    with ObservedSimulator(ledger) as s:
-        yield s
-
-
-@pytest.fixture
-def scan(observed: ObservedSimulator) -> Iterator[ObservedSimulator]:
-    observed.restore()
-    yield observed
-    observed.restore()
 
 
 def client_for(scan: ObservedSimulator) -> ScanClient:

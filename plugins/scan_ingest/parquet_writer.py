@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from scan_ingest.flatten import EVENT_COLUMNS, JSON_COLUMNS, UPDATE_COLUMNS, ColumnBuffer, Flattener
 from scan_ingest.ranges import Cell, object_name
 from scan_ingest.schema import EVENTS_SCHEMA, SCHEMA_VERSION, UPDATES_SCHEMA, with_metadata
-from scan_ingest.staging import TEMP_MARKER, StagedFile, fsync_dir, write_sidecar
+from scan_ingest.staging import TEMP_MARKER, StagedFile, fsync_path, write_sidecar
 from scan_ingest.timestamps import date_of_us, format_us
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,6 @@ def file_hashes(path: str) -> tuple[int, str, str]:
             crc.update(chunk)
             size += len(chunk)
     return size, base64.b64encode(md5.digest()).decode(), base64.b64encode(crc.digest()).decode()
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _to_table(schema: pa.Schema, columns: dict[str, list[Any]], *, release: bool = False) -> pa.Table:
@@ -139,10 +131,10 @@ class _TableFile:
         self._encoder.wait()
         self.writer.close()
         self._out.close()
-        _fsync_file(self.temp_path)
+        fsync_path(self.temp_path)
         self.size, self.md5_b64, self.crc32c_b64 = file_hashes(self.temp_path)
         os.replace(self.temp_path, self.final_path)
-        fsync_dir(os.path.dirname(self.final_path))
+        fsync_path(os.path.dirname(self.final_path))
 
     def abort(self) -> None:
         try:

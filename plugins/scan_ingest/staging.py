@@ -62,7 +62,8 @@ class StagedFile:
         return cls(**known)
 
 
-def fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (the latter makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -80,7 +81,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fsync_dir(directory)
+    fsync_path(directory)
 
 
 def write_sidecar(staged: StagedFile) -> None:
